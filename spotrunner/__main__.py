@@ -1,0 +1,3 @@
+from spotrunner.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,7 @@
+"""Shared fixtures. Each real local server lives in its own module under tests/support/."""
+
+pytest_plugins = [
+    "tests.support.processes",
+    "tests.support.gcs",
+    "tests.support.metadata",
+]
