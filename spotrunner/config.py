@@ -234,15 +234,20 @@ def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return settings
 
 
-def settings_from_metadata_attributes(attributes: Mapping[str, str]) -> dict[str, Any]:
-    """Instance attributes `spotrunner-store`, `spotrunner-run-id`, `spotrunner-config` (TOML)."""
-    settings: dict[str, Any] = {}
+def layers_from_metadata_attributes(attributes: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Layers from instance attributes `spotrunner-config` (TOML), `spotrunner-store`, `spotrunner-run-id`.
+
+    Each attribute is its own layer so an error names the attribute to fix.
+    """
+    layers: dict[str, dict[str, Any]] = {}
     if "spotrunner-config" in attributes:
-        settings.update(parse_toml(attributes["spotrunner-config"], "metadata attribute spotrunner-config"))
+        source = "metadata attribute spotrunner-config"
+        layers[source] = parse_toml(attributes["spotrunner-config"], source)
     for attribute, name in (("spotrunner-store", "store"), ("spotrunner-run-id", "run_id")):
         if attribute in attributes:
-            settings[name] = _coerce(name, attributes[attribute].strip(), f"metadata attribute {attribute}")
-    return settings
+            source = f"metadata attribute {attribute}"
+            layers[source] = {name: _coerce(name, attributes[attribute].strip(), source)}
+    return layers
 
 
 def build(layers: Mapping[str, Mapping[str, Any]]) -> Config:
@@ -271,7 +276,7 @@ def load(
     environ = os.environ if environ is None else environ
     layers: dict[str, Mapping[str, Any]] = {}
     if metadata_attributes is not None:
-        layers["metadata"] = settings_from_metadata_attributes(metadata_attributes())
+        layers.update(layers_from_metadata_attributes(metadata_attributes()))
     if config_file:
         layers[f"--config {config_file}"] = read_toml_file(config_file)
     layers["environment"] = settings_from_env(environ)

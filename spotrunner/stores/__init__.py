@@ -79,6 +79,8 @@ def check_store_url(url: str) -> None:
     """Raise ConfigError if `url` can never be a store (malformed, or a directory we cannot write)."""
     if not url:
         raise ConfigError("empty; use gs://BUCKET[/PREFIX] or a local directory")
+    if url.startswith("gs:") and not is_gcs_url(url):
+        raise ConfigError(f"{url!r} is not a bucket URL; use gs://BUCKET[/PREFIX]")
     if "://" in url:
         if not is_gcs_url(url):
             scheme = url.split("://", 1)[0]

@@ -1,0 +1,1 @@
+"""Checkpointing: the writer lease that fences out a second writer, and the checkpoint manager."""
