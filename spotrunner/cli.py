@@ -133,11 +133,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _open_for_reading(args: argparse.Namespace) -> Any:
+    """(settings, store) for the commands that only read a run: read access is enough."""
     cfg = config_module.load({k: getattr(args, k) for k in ("store", "run_id") if getattr(args, k)},
-                             config_file=args.config)
-    from spotrunner.stores import open_store
+                             config_file=args.config, writable_store=False)
+    from spotrunner.status import open_for_reading
 
-    return cfg, open_store(cfg.store, cfg.run_id)
+    return cfg, open_for_reading(cfg.store, cfg.run_id)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -152,7 +152,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {flag} {exc}") from None
 
 
-def _check(cfg: Config, origin: Mapping[str, str]) -> None:
+def _check(cfg: Config, origin: Mapping[str, str], *, writable_store: bool = True) -> None:
     """Validate the merged settings; `origin` names where each value came from."""
 
     def fail(name: str, fix: str) -> None:
@@ -190,7 +190,7 @@ def _check(cfg: Config, origin: Mapping[str, str]) -> None:
     from spotrunner.stores import check_store_url
 
     try:
-        check_store_url(cfg.store)
+        check_store_url(cfg.store, writable=writable_store)
     except ConfigError as exc:
         raise ConfigError(f"{origin.get('store', 'default')}: --store: {exc}") from None
     from spotrunner.model import MODELS
@@ -250,7 +250,7 @@ def layers_from_metadata_attributes(attributes: Mapping[str, str]) -> dict[str, 
     return layers
 
 
-def build(layers: Mapping[str, Mapping[str, Any]]) -> Config:
+def build(layers: Mapping[str, Mapping[str, Any]], *, writable_store: bool = True) -> Config:
     """Merge named layers in order (later wins) into a validated Config."""
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -261,7 +261,7 @@ def build(layers: Mapping[str, Mapping[str, Any]]) -> Config:
             values[name] = _coerce(name, value, source)
             origin[name] = source
     cfg = Config(**values)
-    _check(cfg, origin)
+    _check(cfg, origin, writable_store=writable_store)
     return cfg
 
 
@@ -271,6 +271,7 @@ def load(
     config_file: str | None = None,
     environ: Mapping[str, str] | None = None,
     metadata_attributes: Callable[[], Mapping[str, str]] | None = None,
+    writable_store: bool = True,
 ) -> Config:
     """The run's Config from every layer; `metadata_attributes` is called only if given."""
     environ = os.environ if environ is None else environ
@@ -281,7 +282,7 @@ def load(
         layers[f"--config {config_file}"] = read_toml_file(config_file)
     layers["environment"] = settings_from_env(environ)
     layers["flags"] = {name: value for name, value in flags.items() if value is not None}
-    return build(layers)
+    return build(layers, writable_store=writable_store)
 
 
 def describe() -> list[tuple[str, Any, str]]:

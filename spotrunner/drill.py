@@ -215,10 +215,14 @@ class MetadataServer:
     # -- faults ---------------------------------------------------------------------
 
     def fail_next(self, count: int, status: int = 503) -> None:
-        """Answer the next `count` metadata requests with `status` (503 or 429 make sense)."""
-        with self._lock:
+        """Answer the next `count` metadata requests with `status` (503 or 429 make sense).
+
+        Long-polls already waiting get the fault too, as GCE's server does during maintenance.
+        """
+        with self._changed:
             self._faults.fail_next = max(0, int(count))
             self._faults.fail_status = int(status)
+            self._changed.notify_all()
 
     def set_delay(self, seconds: float) -> None:
         """Delay every metadata answer by `seconds` (0 turns it off)."""
@@ -383,6 +387,9 @@ class MetadataServer:
                     ctype = "application/text"
                 if body is None:
                     return 404, "not found\n", "text/html", ""
+                if deadline is not None and self._faults.fail_next > 0:
+                    self._faults.fail_next -= 1
+                    return self._faults.fail_status, "injected fault\n", "text/html", ""
                 etag = _etag(body)
                 if deadline is None or last_etag == "NONE" or etag != last_etag or self._closing.is_set():
                     return 200, body, ctype, etag

@@ -447,7 +447,7 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
                    "test_loss": round(test_loss, 6), "test_accuracy": round(test_accuracy, 6)}
         progress.metrics.append(metrics)
         clear_status_line()
-        log.info("epoch_completed", **metrics)
+        log.info("epoch_completed", **{k: v for k, v in metrics.items() if k != "time"})
         reporter.send("metrics", **metrics)
         progress.epoch += 1
         progress.samples_in_epoch = 0

@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.support.processes",
     "tests.support.gcs",
     "tests.support.metadata",
+    "tests.support.runs",
+    "tests.support.nspawn",
 ]

@@ -12,16 +12,14 @@ import pytest
 
 from spotrunner import exitcodes, history
 from spotrunner.stores.local import LocalStore
+from tests.support import runs
 from tests.support.processes import group_is_empty, wait_for
 
 pytestmark = pytest.mark.slow
 
-RUN = ["run", "--dataset", "synthetic", "--synthetic-size", "2000", "--epochs", "3", "--batch-size", "32",
-       "--metadata", "off", "--threads", "1", "--seed", "7"]
-
 
 def run_args(store: str, *extra: str, interval: str = "0.2") -> list[str]:
-    return [*RUN, "--store", store, "--run-id", "exact", "--checkpoint-interval", interval, *extra]
+    return runs.run_args(store, *extra, interval=interval)
 
 
 def run_to_completion(start, store: str, *extra: str) -> tuple[dict, object]:
@@ -29,20 +27,6 @@ def run_to_completion(start, store: str, *extra: str) -> tuple[dict, object]:
     code = proc.wait_exit(timeout=180)
     assert code == exitcodes.OK, proc.output()
     return proc.wait_event("training_completed"), proc
-
-
-@pytest.fixture(scope="module")
-def reference_digest(tmp_path_factory):
-    """weights_sha256 of the same run never interrupted."""
-    from tests.support.processes import SpotrunnerProcess
-
-    store = str(tmp_path_factory.mktemp("reference"))
-    proc = SpotrunnerProcess(run_args(store))
-    try:
-        assert proc.wait_exit(timeout=180) == exitcodes.OK, proc.output()
-        return proc.wait_event("training_completed")["weights_sha256"]
-    finally:
-        proc.kill_group()
 
 
 def uncommitted_blob(store_root: str) -> bool:

@@ -75,8 +75,11 @@ def split_gcs_url(url: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def check_store_url(url: str) -> None:
-    """Raise ConfigError if `url` can never be a store (malformed, or a directory we cannot write)."""
+def check_store_url(url: str, *, writable: bool = True) -> None:
+    """Raise ConfigError if `url` can never be a store (malformed, or a directory we cannot write).
+
+    `writable=False` checks the form only, for commands that just read a run.
+    """
     if not url:
         raise ConfigError("empty; use gs://BUCKET[/PREFIX] or a local directory")
     if url.startswith("gs:") and not is_gcs_url(url):
@@ -86,6 +89,8 @@ def check_store_url(url: str) -> None:
             scheme = url.split("://", 1)[0]
             raise ConfigError(f"{url!r}: unsupported scheme {scheme!r}; use gs://BUCKET[/PREFIX] or a local directory")
         split_gcs_url(url)
+        return
+    if not writable:
         return
     path = os.path.abspath(url)
     probe = path
