@@ -128,7 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             facts = client.instance_facts()
     log.info("supervisor_started", run_id=cfg.run_id, store=store.url, watching_metadata=bool(sources),
              version=__version__)
-    session = SessionRecorder(store, cfg.run_id, facts)
+    # Under torchrun across nodes, the rank-0 node keeps the run's history.
+    session = SessionRecorder(store if cfg.node_rank == 0 else None, cfg.run_id, facts)
     return Supervisor(cfg, session=session, watcher_sources=sources).run()
 
 

@@ -187,7 +187,11 @@ class Supervisor:
         env[STATUS_SOCKET_ENV] = "@" + self.status_socket_name
         env[SESSION_ENV] = self.session.session_id
         env[PARENT_ENV] = str(os.getpid())
+        if self.cfg.world_size > 1 and "OMP_NUM_THREADS" not in env:
+            # torchrun would set 1 and say so; share the cores between this node's processes.
+            env["OMP_NUM_THREADS"] = str(self.cfg.threads or max(1, (os.cpu_count() or 1) // self.cfg.nproc_per_node))
         self.trainer_pids.clear()
+        self.stopped_cleanly = False
         self.reported_exit = None
         self.last_progress = None
         self.hung = False
@@ -288,10 +292,13 @@ class Supervisor:
             code = self.reported_exit
         log.info("worker_exited", code=code, pid=pid)
         self.trainer = None
+        if code == exitcodes.STOPPED or self.stopped_cleanly:
+            # Stopped with a committed checkpoint. Also when we did not ask: under torchrun a
+            # notice on another node stops every rank, and the job must stop here too.
+            self._finish(exitcodes.STOPPED, "stopped")
+            return
         if self.state in (State.DRAINING, State.STOPPING):
-            if code == exitcodes.STOPPED or self.stopped_cleanly:
-                self._finish(exitcodes.STOPPED, "stopped")
-            elif code == exitcodes.OK:
+            if code == exitcodes.OK:
                 self._finish(exitcodes.OK, "completed")
             else:
                 log.error("stop_failed", code=code,

@@ -379,7 +379,10 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
     log.info("training_started", step=progress.step, epoch=progress.epoch, total_steps=total_steps,
              resumed=resumed_from is not None, device=str(trainer.device), world_size=dist_info.world_size,
              dataset=dataset.name, train_images=num_train)
-    reporter.send("started", step=progress.step, epoch=progress.epoch, total_steps=total_steps,
+    # One progress voice per node: local rank 0 speaks for its node's supervisor.
+    node_voice = dist_info.local_rank == 0
+    if node_voice:
+        reporter.send("started", step=progress.step, epoch=progress.epoch, total_steps=total_steps,
                   resumed_from_step=resumed_from, steps_per_epoch=per_epoch)
 
     def snapshot(reason: str) -> Snapshot:
@@ -419,13 +422,13 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
             progress.samples_in_epoch = min(num_train, position * global_batch)
             progress.loss_sum += float(loss.detach())
             progress.loss_count += 1
-            if not first_step_reported:
+            if not first_step_reported and node_voice:
                 first_step_reported = True
                 reporter.send("first_step", step=progress.step)
             if leader and manager.should_save():
                 manager.save(snapshot("periodic"))
             now = time.monotonic()
-            if now - last_report >= 0.5:
+            if node_voice and now - last_report >= 0.5:
                 if now - rate_mark[0] >= 2.0:
                     img_per_s = (progress.step - rate_mark[1]) * global_batch / (now - rate_mark[0])
                     rate_mark = (now, progress.step)
