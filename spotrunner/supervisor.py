@@ -274,6 +274,10 @@ class Supervisor:
                 )
         elif kind == "checkpoint":
             self.session.checkpoint(message)
+            if self.state in (State.DRAINING, State.STOPPING) and message.get("reason") in ("preemption", "signal"):
+                # The stop's checkpoint is committed: even a trainer killed after this point
+                # (a slow exit past the deadline) stopped safely.
+                self.stopped_cleanly = True
         elif kind == "metrics":
             self.session.metrics(message)
         elif kind == "stopped":

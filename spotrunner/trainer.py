@@ -263,7 +263,7 @@ class Trainer:
         self.model.eval()
         total_loss, correct = 0.0, 0
         count = data.test_images.shape[0]
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.autocast():
             for start in range(0, count, 1000):
                 images = transform.normalise(data.test_images[start:start + 1000])
                 labels = data.test_labels[start:start + 1000]
@@ -273,7 +273,23 @@ class Trainer:
         self.model.train()
         return total_loss / count, correct / count
 
-    def _autocast(self) -> Any:
+    def train_step(self, dataset: Any, transform: Any, order: Any, epoch: int, position: int) -> Any:
+        """One optimisation step on this rank's share of global batch `position`; returns the loss."""
+        from spotrunner import data as data_module
+
+        cfg, dist_info = self.cfg, self.dist
+        indices = data_module.batch_indices(order, position, cfg.batch_size, dist_info.rank,
+                                            dist_info.world_size).to(self.device)
+        gen = data_module.generator(cfg.seed, "augment", epoch, position, dist_info.rank)
+        inputs = transform.normalise(transform.augment(dataset.train_images[indices], gen))
+        with self.autocast():
+            loss = self.criterion(self.train_model(inputs).float(), dataset.train_labels[indices])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def autocast(self) -> Any:
         import contextlib
 
         if self.cfg.amp and self.device.type == "cuda":
@@ -406,17 +422,7 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
             if checkpoint_now and leader:
                 flags.checkpoint_now = False
                 manager.save(snapshot("preemption"))
-            indices = data_module.batch_indices(order, position, cfg.batch_size, dist_info.rank,
-                                                dist_info.world_size).to(trainer.device)
-            images = dataset.train_images[indices]
-            labels = dataset.train_labels[indices]
-            gen = data_module.generator(cfg.seed, "augment", progress.epoch, position, dist_info.rank)
-            inputs = transform.normalise(transform.augment(images, gen))
-            with trainer._autocast():
-                loss = trainer.criterion(trainer.train_model(inputs).float(), labels)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            trainer.optimizer.step()
+            loss = trainer.train_step(dataset, transform, order, progress.epoch, position)
             position += 1
             progress.step += 1
             progress.samples_in_epoch = min(num_train, position * global_batch)
@@ -429,7 +435,7 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
                 manager.save(snapshot("periodic"))
             now = time.monotonic()
             if node_voice and now - last_report >= 0.5:
-                if now - rate_mark[0] >= 2.0:
+                if now - rate_mark[0] >= 1.0:
                     img_per_s = (progress.step - rate_mark[1]) * global_batch / (now - rate_mark[0])
                     rate_mark = (now, progress.step)
                 last_report = now
@@ -478,10 +484,10 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
             log.error("stop_without_checkpoint", step=progress.step,
                       hint="the next start resumes from the last committed checkpoint")
             return exitcodes.FAILURE
-        if lease is not None:
-            lease.release()
         reporter.send("stopped", step=progress.step, reason=reason)
         log.info("training_stopped", step=progress.step, reason=reason)
+        if lease is not None:
+            lease.release(within=deadline - time.monotonic())
         return exitcodes.STOPPED
 
     # Completed: the final checkpoint, then the completion record that marks the run done.
@@ -509,6 +515,8 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
 
 
 def main() -> int:
+    # Deterministic cuBLAS needs this before CUDA initialises (PyTorch's reproducibility notes).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     flags = StopFlags()
     flags.install()
     die_with_parent()

@@ -338,16 +338,28 @@ class Lease:
             failures = 0
             wait = interval
 
-    def stop_renewing(self) -> None:
-        """Stop the renewal thread (waits for a renewal in flight, bounded)."""
+    def stop_renewing(self, within: float | None = None) -> None:
+        """Stop the renewal thread (waits for a renewal in flight, at most `within` seconds)."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=self._io_deadline + 5)
+            thread.join(timeout=self._io_deadline + 5 if within is None else max(0.0, within))
 
-    def release(self) -> None:
-        """Mark the lease released so the next start need not wait; never raises (best effort on exit)."""
-        self.stop_renewing()
+    def release(self, within: float | None = None) -> None:
+        """Mark the lease released so the next start need not wait; never raises (best effort on exit).
+
+        `within` bounds the whole call in seconds: on the stop path the VM may have only
+        moments left, and an unreleased lease costs nothing on this host (it is taken at
+        once when its holder is gone).
+        """
+        started = time.monotonic()
+        self.stop_renewing(within)
+        io_deadline = self._io_deadline
+        if within is not None:
+            io_deadline = min(io_deadline, within - (time.monotonic() - started))
+            if io_deadline < 0.2:
+                log.warning("lease_release_skipped", reason="no time left before the stop deadline")
+                return
         with self._lock:
             if self._record is None or self._released or self._lost:
                 self._released = True
@@ -356,7 +368,7 @@ class Lease:
             generation = self._generation
             self._released = True
         try:
-            self._write(record, generation, deadline=self._io_deadline)
+            self._write(record, generation, deadline=io_deadline)
         except PreconditionFailed:
             log.warning("lease_release_skipped", reason="another writer holds the lease now")
             return

@@ -31,7 +31,12 @@ from spotrunner.stores import Store
 log = get_logger()
 
 _BACKOFF_START = 1.0
-_BACKOFF_MAX = 60.0
+_BACKOFF_MAX = 15.0
+# A background attempt gets this long (more for big states at ~10 MB/s), so a failing
+# store turns into warnings and retries under our backoff instead of one silent minute
+# inside the client's own retry loop.
+_ATTEMPT_SECONDS = 15.0
+_ATTEMPT_BYTES_PER_SECOND = 10e6
 _SPILL_RESERVE = 3.0  # seconds of the emergency budget kept for the local spill
 
 
@@ -167,7 +172,9 @@ class CheckpointManager:
                 snapshot, self._pending = self._pending, None
                 self._in_flight = snapshot
             try:
-                self._persist(self.store, snapshot, codec.encode(snapshot.state), deadline=None)
+                data = codec.encode(snapshot.state)
+                attempt = max(_ATTEMPT_SECONDS, len(data) / _ATTEMPT_BYTES_PER_SECOND)
+                self._persist(self.store, snapshot, data, deadline=attempt)
                 backoff = _BACKOFF_START
             except FencedError as exc:
                 self.fenced = exc
