@@ -27,7 +27,7 @@ from typing import Any
 
 from spotrunner import exitcodes, history
 from spotrunner.config import Config
-from spotrunner.errors import ConfigError, FencedError, SpotrunnerError
+from spotrunner.errors import ConfigError, SpotrunnerError
 from spotrunner.logs import clear_status_line, configure, get_logger, set_status_line
 
 log = get_logger()
@@ -314,6 +314,22 @@ class Trainer:
         return agreed, bool(flags[1])
 
 
+def open_spill(cfg: Config) -> Any:
+    """The local store for emergency checkpoints a remote store cannot take in time, or None.
+
+    `--spill-dir`, else systemd's state directory (it survives a STOP/START of the VM).
+    A local primary store needs none: it is on the same disk.
+    """
+    from spotrunner.stores import is_gcs_url
+    from spotrunner.stores.local import LocalStore
+
+    state_directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    spill_dir = cfg.spill_dir or (os.path.join(state_directory, "spill") if state_directory else "")
+    if not spill_dir or not is_gcs_url(cfg.store):
+        return None
+    return LocalStore(os.path.join(spill_dir, cfg.run_id))
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -321,8 +337,6 @@ def _format_eta(seconds: float) -> str:
 
 def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReporter, dist_info: Dist) -> int:
     """Run (or resume) training to completion or a stop; returns the exit code."""
-    import torch
-
     from spotrunner import data as data_module
     from spotrunner.checkpoint.codec import weights_sha256
     from spotrunner.checkpoint.manager import CheckpointManager, Committed, Snapshot
@@ -344,12 +358,7 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
 
         lease = Lease(store, session_id=session_id, ttl=cfg.lease_ttl, takeover=cfg.takeover)
         lease.acquire()
-        spill_dir = cfg.spill_dir or (os.path.join(os.environ["STATE_DIRECTORY"].split(":")[0], "spill")
-                                      if os.environ.get("STATE_DIRECTORY") else "")
-        if spill_dir and not os.path.abspath(spill_dir).startswith(getattr(store, "root", "\0")):
-            from spotrunner.stores.local import LocalStore
-
-            spill = LocalStore(os.path.join(spill_dir, cfg.run_id))
+        spill = open_spill(cfg)
 
     lost_lease: list[str] = []
     if lease is not None:

@@ -279,10 +279,7 @@ class GCSStore:
         try:
             list_and_write()
         except api_exceptions.NotFound:
-            raise ConfigError(
-                f"--store {self.url}: bucket {self.bucket_name} does not exist; create it: "
-                f"gcloud storage buckets create gs://{self.bucket_name} --location=REGION"
-            ) from None
+            raise _missing_bucket(self.url, self.bucket_name) from None
         except (api_exceptions.Forbidden, api_exceptions.Unauthorized):
             raise ConfigError(self._access_denied_message()) from None
         except auth_exceptions.RefreshError as exc:
@@ -336,6 +333,11 @@ class GCSStore:
         return text if response.status_code == 200 and "@" in text else None
 
 
+def _missing_bucket(url: str, bucket_name: str) -> ConfigError:
+    return ConfigError(f"--store {url}: bucket {bucket_name} does not exist; create it: "
+                       f"gcloud storage buckets create gs://{bucket_name} --location=REGION")
+
+
 def list_run_ids(url: str) -> list[str]:
     """Run ids directly under `gs://BUCKET[/PREFIX]` (the first path segment below it), sorted."""
     bucket_name, prefix = split_gcs_url(url)
@@ -349,10 +351,7 @@ def list_run_ids(url: str) -> list[str]:
             pass
         prefixes = iterator.prefixes
     except api_exceptions.NotFound:
-        raise ConfigError(
-            f"--store {url}: bucket {bucket_name} does not exist; create it: "
-            f"gcloud storage buckets create gs://{bucket_name} --location=REGION"
-        ) from None
+        raise _missing_bucket(url, bucket_name) from None
     except (api_exceptions.Forbidden, api_exceptions.Unauthorized):
         raise ConfigError(
             f"--store {url}: access denied to bucket {bucket_name}; it needs {_OBJECT_USER_ROLE} on the bucket"
