@@ -159,7 +159,6 @@ class BatchTransform:
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._rows = torch.arange(32, device=device)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         out = (images.float() - self.mean) / self.std
@@ -172,9 +171,8 @@ class BatchTransform:
         offsets = torch.randint(0, 2 * PAD + 1, (2, count), generator=gen).to(self.device)
         flips = (torch.rand(count, generator=gen) < 0.5).to(self.device)
         padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
-        rows = (offsets[0][:, None] + self._rows)[:, None, :, None]
-        cols = (offsets[1][:, None] + self._rows)[:, None, None, :]
-        batch = torch.arange(count, device=self.device)[:, None, None, None]
-        channels = torch.arange(3, device=self.device)[None, :, None, None]
-        cropped = padded[batch, channels, rows, cols]
-        return torch.where(flips[:, None, None, None], cropped.flip(3), cropped)
+        # Every 32x32 window of the padded images as a view: [N, 3, 9, 9, 32, 32]; pick one each.
+        windows = padded.unfold(2, 32, 1).unfold(3, 32, 1)
+        cropped = windows[torch.arange(count, device=self.device), :, offsets[0], offsets[1]]
+        cropped[flips] = cropped[flips].flip(3)  # a gather made a copy: flip only those drawn
+        return cropped

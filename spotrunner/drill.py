@@ -433,19 +433,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: str, ctype: str = "text/plain", *, flavor: bool = True,
               etag: str = "") -> None:
         data = body.encode("utf-8")
-        self.send_response(status)
-        if flavor:
-            self.send_header("Metadata-Flavor", "Google")
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        if etag:
-            self.send_header("ETag", etag)
-        if self.metadata._closing.is_set():
-            self.send_header("Connection", "close")
+        try:
+            self.send_response(status)
+            if flavor:
+                self.send_header("Metadata-Flavor", "Google")
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            if etag:
+                self.send_header("ETag", etag)
+            if self.metadata._closing.is_set():
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client hung up mid long-poll (a supervisor exiting): nothing to answer.
             self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         parts = urlsplit(self.path)

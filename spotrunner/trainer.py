@@ -148,8 +148,7 @@ class Progress:
     epoch: int = 0
     samples_in_epoch: int = 0  # samples of the current epoch already trained on (all ranks)
     step: int = 0
-    loss_sum: float = 0.0
-    loss_count: int = 0
+    loss_count: int = 0  # steps in this epoch so far; their summed loss is Trainer.loss_total
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -198,6 +197,8 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(model, device_ids=device_ids)
         self.progress = Progress()
+        # Summed on the device so no step waits for a GPU sync; read when reporting or saving.
+        self.loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def _pick_device(self) -> Any:
         torch = self.torch
@@ -238,7 +239,7 @@ class Trainer:
                 "epoch": self.progress.epoch,
                 "samples_in_epoch": self.progress.samples_in_epoch,
                 "step": self.progress.step,
-                "loss_sum": self.progress.loss_sum,
+                "loss_sum": float(self.loss_total),
                 "loss_count": self.progress.loss_count,
                 "metrics": list(self.progress.metrics),
             },
@@ -252,8 +253,9 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         saved = state["progress"]
-        self.progress = Progress(saved["epoch"], saved["samples_in_epoch"], saved["step"], saved["loss_sum"],
-                                 saved["loss_count"], list(saved["metrics"]))
+        self.progress = Progress(saved["epoch"], saved["samples_in_epoch"], saved["step"], saved["loss_count"],
+                                 list(saved["metrics"]))
+        self.loss_total.fill_(saved["loss_sum"])
 
     # --- training ---
 
@@ -272,6 +274,10 @@ class Trainer:
                 correct += int((logits.argmax(1) == labels).sum())
         self.model.train()
         return total_loss / count, correct / count
+
+    def mean_loss(self) -> float:
+        """Mean training loss of this epoch so far (one device sync)."""
+        return float(self.loss_total) / max(1, self.progress.loss_count)
 
     def train_step(self, dataset: Any, transform: Any, order: Any, epoch: int, position: int) -> Any:
         """One optimisation step on this rank's share of global batch `position`; returns the loss."""
@@ -435,7 +441,7 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
             position += 1
             progress.step += 1
             progress.samples_in_epoch = min(num_train, position * global_batch)
-            progress.loss_sum += float(loss.detach())
+            trainer.loss_total += loss.detach()
             progress.loss_count += 1
             if not first_step_reported and node_voice:
                 first_step_reported = True
@@ -448,7 +454,7 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
                     img_per_s = (progress.step - rate_mark[1]) * global_batch / (now - rate_mark[0])
                     rate_mark = (now, progress.step)
                 last_report = now
-                mean_loss = progress.loss_sum / max(1, progress.loss_count)
+                mean_loss = trainer.mean_loss()
                 reporter.send("progress", step=progress.step, epoch=progress.epoch, total_steps=total_steps,
                               loss=round(mean_loss, 5), img_per_s=round(img_per_s, 1))
                 if console:
@@ -461,7 +467,7 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
             break
         test_loss, test_accuracy = trainer.evaluate(dataset, transform)
         metrics = {"epoch": progress.epoch, "step": progress.step, "time": time.time(),
-                   "train_loss": round(progress.loss_sum / max(1, progress.loss_count), 6),
+                   "train_loss": round(trainer.mean_loss(), 6),
                    "test_loss": round(test_loss, 6), "test_accuracy": round(test_accuracy, 6)}
         progress.metrics.append(metrics)
         clear_status_line()
@@ -469,7 +475,8 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
         reporter.send("metrics", **metrics)
         progress.epoch += 1
         progress.samples_in_epoch = 0
-        progress.loss_sum, progress.loss_count = 0.0, 0
+        trainer.loss_total.zero_()
+        progress.loss_count = 0
 
     clear_status_line()
     fenced_message = lost_lease[0] if lost_lease else (str(manager.fenced) if manager.fenced else None)
