@@ -47,23 +47,9 @@ def measure(batch_size: int, amp: bool, channels_last: bool, steps: int, sync_ea
     order = data_module.epoch_order(num, cfg.seed, 0)
 
     def step(position: int) -> None:
-        if hasattr(trainer, "train_step"):  # the trainer's own step, where the tree has one
-            loss = trainer.train_step(dataset, transform, order, 0, position % per_epoch)
-            if sync_each_step:
-                float(loss.detach())
-            return
-        indices = data_module.batch_indices(order, position % per_epoch, batch_size).to(trainer.device)
-        images = dataset.train_images[indices]
-        labels = dataset.train_labels[indices]
-        gen = data_module.generator(cfg.seed, "augment", 0, position, 0)
-        inputs = transform.normalise(transform.augment(images, gen))
-        with _autocast(trainer):
-            loss = trainer.criterion(trainer.train_model(inputs).float(), labels)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.optimizer.step()
+        loss = trainer.train_step(dataset, transform, order, 0, position % per_epoch)
         if sync_each_step:
-            float(loss.detach())
+            float(loss.detach())  # what the loop did per step before the loss stayed on the device
 
     for position in range(30):
         step(position)
@@ -84,10 +70,6 @@ def measure(batch_size: int, amp: bool, channels_last: bool, steps: int, sync_ea
 
 
 
-def _autocast(trainer):
-    """The trainer's autocast context (named `autocast`, `_autocast` in older trees)."""
-    method = getattr(trainer, "autocast", None) or getattr(trainer, "_autocast")
-    return method()
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Every (batch, autocast, channels-last) combination; {"skipped": ...} without CUDA."""

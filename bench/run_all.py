@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import REPO, machine  # noqa: E402
 
 OUT_DIR = os.path.join(REPO, "bench", "out")
-DEVICE_GPU_JSON = os.path.join(OUT_DIR, "gpu_device.json")  # a gpu.py result measured on a GPU machine
+# gpu.py's result from a lent NVIDIA H200 (bench/gpu_session.sh), reported where no GPU is present.
+DEVICE_GPU_JSON = os.path.join(REPO, "bench", "gpu-h200.json")
 ORDER = ["throughput", "checkpoint_bench", "notice_latency", "restart", "goodput", "gpu"]
 
 
