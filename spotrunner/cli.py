@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any, Sequence
 
 from spotrunner import __version__, exitcodes
@@ -79,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+METADATA_ON_PATIENCE = 30.0  # seconds
+
+
+def _wait_until_available(client: Any, patience: float) -> bool:
+    """True once the metadata server answers; tries for `patience` seconds (once when 0)."""
+    deadline = time.monotonic() + patience
+    while True:
+        if client.is_available(timeout=1.0):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
+
+
 def _load_config(args: argparse.Namespace, flag_names: Sequence[str]) -> config_module.Config:
     """Settings from every layer; the metadata layer only when the metadata mode allows it."""
     flags = {name: getattr(args, name) for name in flag_names if getattr(args, name, None) is not None}
@@ -88,7 +103,10 @@ def _load_config(args: argparse.Namespace, flag_names: Sequence[str]) -> config_
     from spotrunner.metadata import MetadataClient
 
     client = MetadataClient()
-    if not client.is_available(timeout=1.0):
+    # `on` (the systemd unit's mode) waits out a metadata server that is briefly unavailable
+    # at boot rather than failing a start that systemd would not retry.
+    patience = METADATA_ON_PATIENCE if cfg.metadata == "on" else 0.0
+    if not _wait_until_available(client, patience):
         if cfg.metadata == "on":
             raise ConfigError(f"--metadata on: no metadata server answers at {client.base_url}; "
                               "run on GCE or pass --metadata off")
@@ -160,8 +178,6 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     bad = 0
     print(f"{'step':>10} {'epoch':>5} {'reason':<10} {'bytes':>12} {'committed (UTC)':<20} sha256")
     for record in commits:
-        import time
-
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.get("time", 0)))
         line = (f"{record['step']:>10} {record.get('epoch', ''):>5} {record.get('reason', ''):<10} "
                 f"{record.get('size', 0):>12,} {when:<20} {record.get('sha256', '')[:16]}")

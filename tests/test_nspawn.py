@@ -46,6 +46,10 @@ def drop_in() -> str:
         f" --store {STORE} --run-id {RUN_ID} --metadata off --checkpoint-interval 2",
         "Environment=PYTHONDONTWRITEBYTECODE=1",
     ]
+    if REPO.startswith(("/tmp/", "/var/tmp/")):
+        # PrivateTmp=yes would hide a checkout (and its .venv) that lives under /tmp, as a
+        # CI clone may; the shipped unit runs from /opt, which it does not touch.
+        lines.append("PrivateTmp=no")
     home = interpreter_home()
     if home.startswith(("/root", "/home", "/run/user")):
         # ProtectHome=yes would hide this test machine's interpreter; keep home dirs
@@ -91,8 +95,8 @@ def test_systemd_runs_the_unit_and_a_stop_commits_and_exits_75(nspawn_container)
     container.run("systemctl", "start", "--no-block", "spotrunner.service")
 
     def training_with_status() -> str | None:
-        state = show(container, "ActiveState", "StatusText")
-        if state.get("ActiveState") == "failed":
+        state = show(container, "ActiveState", "SubState", "StatusText")
+        if state.get("ActiveState") == "failed" or state.get("SubState") == "auto-restart":
             pytest.fail("spotrunner.service failed:\n" + container.run(
                 "journalctl", "-u", "spotrunner.service", "--no-pager", "-n", "40").stdout)
         if state.get("ActiveState") == "active" and "step" in state.get("StatusText", ""):
