@@ -26,181 +26,27 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import uuid
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-PROJECT = "spotrunner-bench"
-RUN = ["run", "--dataset", "synthetic", "--synthetic-size", "2000", "--batch-size", "32", "--metadata", "off",
+from bench.common import Run, machine, summary  # noqa: E402
+from tests.support.gcs import GCSEmulator, running_emulator  # noqa: E402
+
+RUN = ["--dataset", "synthetic", "--synthetic-size", "2000", "--batch-size", "32", "--metadata", "off",
        "--threads", "1", "--seed", "7", "--log-format", "json"]
 RUN_TIMEOUT = 300.0
 MB = 1_000_000
 
 
-# --- the emulator ---------------------------------------------------------------------------
-
-
-class Emulator:
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-
-    def env(self) -> dict[str, str]:
-        return {"STORAGE_EMULATOR_HOST": self.endpoint, "GOOGLE_CLOUD_PROJECT": PROJECT}
-
-    def new_bucket(self) -> str:
-        """A fresh bucket's gs:// URL."""
-        import requests
-
-        name = f"bench-{uuid.uuid4().hex[:16]}"
-        response = requests.post(f"{self.endpoint}/storage/v1/b", params={"project": PROJECT},
-                                 json={"name": name}, timeout=10)
-        response.raise_for_status()
-        return f"gs://{name}"
-
-
-@contextmanager
-def emulator() -> Iterator[Emulator]:
-    """fake-gcs-server on a free port of 127.0.0.1, in memory; stopped on exit."""
-    import requests
-
-    from tests.support.gcs import _free_port, emulator_binary
-
-    binary = emulator_binary()
-    with tempfile.TemporaryDirectory(prefix="bench-gcs-") as tmp:
-        log_path = os.path.join(tmp, "fake-gcs-server.log")
-        for attempt in range(3):  # a free port can be taken before the server binds it
-            port = _free_port()
-            endpoint = f"http://127.0.0.1:{port}"
-            with open(log_path, "ab") as log_file:
-                process = subprocess.Popen(
-                    [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                     "-backend", "memory", "-log-level", "warn"],
-                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                )
-            deadline = time.monotonic() + 20
-            ready = False
-            while time.monotonic() < deadline and process.poll() is None:
-                try:
-                    ready = requests.get(f"{endpoint}/storage/v1/b", timeout=1).status_code == 200
-                except requests.RequestException:
-                    ready = False
-                if ready:
-                    break
-                time.sleep(0.05)
-            if ready:
-                break
-            process.kill()
-            process.wait(timeout=10)
-            if attempt == 2:
-                with open(log_path) as handle:
-                    raise RuntimeError(f"fake-gcs-server did not start: {handle.read()[-2000:]}")
-        try:
-            yield Emulator(endpoint)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-
-
-# --- `spotrunner run` as a subprocess -------------------------------------------------------------
-
-
-class Run:
-    """A `python -m spotrunner run ...` in its own process group; JSON log lines with their arrival time."""
-
-    def __init__(self, args: list[str], env: dict[str, str]):
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", SPOTRUNNER_LOG_FORMAT="json", **env)
-        full_env.pop("NOTIFY_SOCKET", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "spotrunner", *args], cwd=REPO, env=full_env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self.events: list[dict[str, Any]] = []
-        self.tail: list[str] = []
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            received = time.monotonic()
-            line = raw.decode(errors="replace").rstrip("\n")
-            with self._lock:
-                self.tail = (self.tail + [line])[-40:]
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                if isinstance(record, dict):
-                    record["_received"] = received
-                    self.events.append(record)
-                self._changed.notify_all()
-        with self._lock:
-            self._changed.notify_all()
-
-    def find(self, event: str, **fields: Any) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for e in self.events if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
-
-    def wait_event(self, event: str, timeout: float, **fields: Any) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        with self._lock:
-            while True:
-                found = [e for e in self.events
-                         if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
-                if found:
-                    return found[0]
-                if self.proc.poll() is not None and not self._reader.is_alive():
-                    raise RuntimeError(f"spotrunner exited {self.proc.returncode} before {event}:\n" + self.output())
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(f"no {event} within {timeout:.0f} s:\n" + self.output())
-                self._changed.wait(timeout=min(left, 0.5))
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise RuntimeError(f"spotrunner did not exit within {timeout:.0f} s:\n" + self.output()) from None
-        self._reader.join(timeout=10)
-        return code
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def output(self) -> str:
-        return "\n".join(self.tail)
-
-
-def summary(values: list[float], digits: int = 4) -> dict[str, Any]:
-    return {"median": round(statistics.median(values), digits), "max": round(max(values), digits),
-            "min": round(min(values), digits), "trials": len(values), "values": [round(v, digits) for v in values]}
-
-
 # --- (a) steady-state overhead ----------------------------------------------------------------------
 
 
-def training_seconds(gcs: Emulator, epochs: int, interval: str) -> tuple[float, list[dict[str, Any]]]:
+def training_seconds(gcs: GCSEmulator, epochs: int, interval: str) -> tuple[float, list[dict[str, Any]]]:
     """(wall seconds from training_started to the last epoch_completed, periodic commit records) of one run."""
     from spotrunner import history
     from spotrunner.stores.gcs import GCSStore
@@ -212,16 +58,16 @@ def training_seconds(gcs: Emulator, epochs: int, interval: str) -> tuple[float, 
         code = run.wait_exit(RUN_TIMEOUT)
         if code != 0:
             raise RuntimeError(f"spotrunner run exited {code}:\n{run.output()}")
-        started = run.wait_event("training_started", 1)["_received"]
-        finished = max(e["_received"] for e in run.find("epoch_completed"))
+        started = run.wait_event("training_started", 1)["_rx"]
+        finished = max(e["_rx"] for e in run.find("epoch_completed"))
     finally:
-        run.kill()
+        run.kill_group()
     # Retention keeps the newest few commit records; their timings are a sample of all of them.
     records = [r for r in history.read_commits(GCSStore(bucket, "overhead")) if r.get("reason") == "periodic"]
     return finished - started, records
 
 
-def measure_overhead(gcs: Emulator, quick: bool) -> dict[str, Any]:
+def measure_overhead(gcs: GCSEmulator, quick: bool) -> dict[str, Any]:
     # Whole-run timing on 2 cores is noisy (several %); the bound from the commit records
     # (snapshot + persist time per interval) is the figure that resolves 1 %.
     epochs, trials = (8, 2) if quick else (10, 2)
@@ -305,7 +151,7 @@ def copy_to_cpu(value: Any) -> Any:
     return value
 
 
-def measure_save_now(gcs: Emulator, state: dict[str, Any], trials: int) -> dict[str, Any]:
+def measure_save_now(gcs: GCSEmulator, state: dict[str, Any], trials: int) -> dict[str, Any]:
     """Seconds from the stop request to the returned commit of `save_now`, over `trials` commits."""
     from spotrunner.checkpoint.manager import CheckpointManager, Snapshot
     from spotrunner.stores.gcs import GCSStore
@@ -335,7 +181,7 @@ def measure_save_now(gcs: Emulator, state: dict[str, Any], trials: int) -> dict[
 # --- (c) emergency commit latency, end to end ---------------------------------------------------------
 
 
-def measure_end_to_end(gcs: Emulator, trials: int) -> dict[str, Any]:
+def measure_end_to_end(gcs: GCSEmulator, trials: int) -> dict[str, Any]:
     """Seconds from SIGTERM to `spotrunner run` until its `checkpoint_committed` (reason signal) line."""
     seconds: list[float] = []
     size = 0
@@ -349,37 +195,17 @@ def measure_end_to_end(gcs: Emulator, trials: int) -> dict[str, Any]:
             signalled = time.monotonic()
             run.proc.send_signal(signal.SIGTERM)
             committed = run.wait_event("checkpoint_committed", 30, reason="signal")
-            seconds.append(committed["_received"] - signalled)
+            seconds.append(committed["_rx"] - signalled)
             size = committed.get("bytes", 0)
             code = run.wait_exit(60)
             if code != 75:
                 raise RuntimeError(f"expected exit 75 after SIGTERM, got {code}:\n{run.output()}")
         finally:
-            run.kill()
+            run.kill_group()
     return {**summary(seconds), "bytes": size}
 
 
 # --- the whole benchmark ----------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    import torch
-
-    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": usable, "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
 
 
 def goal(result: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -396,7 +222,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     configure("bench", log_format="json", level=logging.WARNING, stream=sys.stderr)
     started = time.monotonic()
     saved_env = {key: os.environ.get(key) for key in ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
-    with emulator() as gcs:
+    with running_emulator() as gcs:
         os.environ.update(gcs.env())  # the in-process GCSStore reads it when it builds its client
         try:
             direct_trials, big_trials, e2e_trials = (3, 2, 2) if quick else (7, 5, 5)

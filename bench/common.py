@@ -13,10 +13,8 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -220,54 +218,22 @@ def metadata_drill() -> Iterator[Any]:
 def gcs_emulator() -> Iterator[str]:
     """fake-gcs-server (memory backend) on 127.0.0.1 with a fresh bucket; yields its gs:// URL.
 
-    Starts the binary the way tests/support/gcs.py does and sets STORAGE_EMULATOR_HOST and
-    GOOGLE_CLOUD_PROJECT for child processes while it runs.
+    Started the way the tests start it (tests/support/gcs.py); STORAGE_EMULATOR_HOST and
+    GOOGLE_CLOUD_PROJECT point child processes at it while it runs.
     """
-    import requests
+    from tests.support.gcs import running_emulator
 
-    from tests.support.gcs import _free_port, emulator_binary
-
-    binary = emulator_binary()
-    with tempfile.TemporaryDirectory(prefix="bench-gcs-") as tmp:
-        log_path = os.path.join(tmp, "fake-gcs-server.log")
-        port = _free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        with open(log_path, "ab") as log_file:
-            process = subprocess.Popen(
-                [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
-                 "-log-level", "warn"], stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
+    with running_emulator() as emulator:
+        saved = {key: os.environ.get(key) for key in emulator.env()}
+        os.environ.update(emulator.env())
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                if process.poll() is not None:
-                    raise BenchError(f"fake-gcs-server exited {process.returncode}: {open(log_path).read()[-2000:]}")
-                try:
-                    if requests.get(f"{endpoint}/storage/v1/b", timeout=1).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise BenchError(f"fake-gcs-server did not answer on {endpoint} within 20 s")
-                time.sleep(0.05)
-            bucket = f"bench-{uuid.uuid4().hex[:12]}"
-            requests.post(f"{endpoint}/storage/v1/b", params={"project": GCS_PROJECT}, json={"name": bucket},
-                          timeout=10).raise_for_status()
-            os.environ["STORAGE_EMULATOR_HOST"] = endpoint
-            os.environ["GOOGLE_CLOUD_PROJECT"] = GCS_PROJECT
-            yield f"gs://{bucket}"
+            yield emulator.new_bucket()
         finally:
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
 
 
 # --- figures -----------------------------------------------------------------------------------

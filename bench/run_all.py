@@ -101,14 +101,14 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             o = c["overhead"]
             rows.append(("Checkpoint overhead every 5 s, bound from commit records (snapshot + persist / 5 s)",
                          _fmt(o["overhead_bound_percent"], " %"), "<= 1 %", _met(o["overhead_bound_percent"] <= 1.0)))
-            rows.append((f"Checkpoint overhead every 5 s, whole-run timing ({o['no_checkpoint_seconds']['trials']} pairs)",
+            rows.append((f"Checkpoint overhead every 5 s, whole-run timing ({o['no_checkpoint_seconds']['n']} pairs)",
                          f"{_fmt(o['overhead_percent'], ' %')} (run-to-run noise {_fmt(o['run_to_run_noise_percent'], ' %')})",
                          "(diagnostic)", ""))
             for key, label in (("emergency_direct", "save_now"), ("emergency_end_to_end", "SIGTERM -> committed")):
                 for size, name in (("cnn", "CNN"), ("state_100mb", "100 MB state")):
                     entry = c[key].get(size)
                     if entry:
-                        rows.append((f"Emergency commit on the GCS emulator, {name} ({label}, {entry['trials']} trials)",
+                        rows.append((f"Emergency commit on the GCS emulator, {name} ({label}, {entry['n']} trials)",
                                      f"median {_fmt(entry['median'], ' s')}, max {_fmt(entry['max'], ' s')}",
                                      f"<= {entry['goal_seconds']:g} s", _met(entry["max"] <= entry["goal_seconds"])))
     n = results.get("notice_latency") or {}

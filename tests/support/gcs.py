@@ -19,7 +19,9 @@ import subprocess
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
@@ -56,6 +58,14 @@ class GCSEmulator:
         self.process = process
         self.log_path = log_path
 
+    def env(self) -> dict[str, str]:
+        """The variables that point the google-cloud-storage client at this emulator."""
+        return {"STORAGE_EMULATOR_HOST": self.endpoint, "GOOGLE_CLOUD_PROJECT": PROJECT}
+
+    def new_bucket(self) -> str:
+        """A fresh bucket's gs:// URL."""
+        return self.create_bucket(f"b-{uuid.uuid4().hex[:16]}")
+
     def create_bucket(self, name: str) -> str:
         """Create bucket `name` through the JSON API; returns its gs:// URL."""
         response = requests.post(f"{self.endpoint}/storage/v1/b", params={"project": PROJECT},
@@ -83,23 +93,23 @@ def _wait_ready(endpoint: str, process: subprocess.Popen, log_path: str) -> None
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"fake-gcs-server exited with {process.returncode}: {Path(log_path).read_text()[-2000:]}")
+            raise RuntimeError(f"fake-gcs-server exited with {process.returncode}: {Path(log_path).read_text()[-2000:]}")
         try:
             if requests.get(f"{endpoint}/storage/v1/b", timeout=1).status_code == 200:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.05)
-    pytest.fail(f"fake-gcs-server did not answer on {endpoint} within {_START_TIMEOUT:.0f} s")
+    raise RuntimeError(f"fake-gcs-server did not answer on {endpoint} within {_START_TIMEOUT:.0f} s")
 
 
-@pytest.fixture(scope="session")
-def gcs_emulator():
-    """The fake-gcs-server emulator for the whole session; killed at the end."""
+@contextmanager
+def running_emulator() -> Iterator[GCSEmulator]:
+    """fake-gcs-server (in-memory) on a free port of 127.0.0.1, killed on exit (tests and benchmarks)."""
     binary = emulator_binary()
     with tempfile.TemporaryDirectory(prefix="fake-gcs-") as tmp:
         log_path = os.path.join(tmp, "fake-gcs-server.log")
-        for _attempt in range(3):  # a port picked free can be taken before the server binds it
+        for attempt in range(3):  # a port picked free can be taken before the server binds it
             port = _free_port()
             endpoint = f"http://127.0.0.1:{port}"
             with open(log_path, "ab") as log_file:
@@ -111,10 +121,10 @@ def gcs_emulator():
             try:
                 _wait_ready(endpoint, process, log_path)
                 break
-            except pytest.fail.Exception:
+            except RuntimeError:
                 process.kill()
                 process.wait(timeout=10)
-                if _attempt == 2:
+                if attempt == 2:
                     raise
         try:
             yield GCSEmulator(endpoint, process, log_path)
@@ -127,10 +137,14 @@ def gcs_emulator():
                 process.wait(timeout=5)
 
 
-def _fresh_bucket(emulator: GCSEmulator) -> str:
-    name = f"b-{uuid.uuid4().hex[:16]}"
-    emulator.create_bucket(name)
-    return name
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """The fake-gcs-server emulator for the whole session; killed at the end."""
+    try:
+        with running_emulator() as emulator:
+            yield emulator
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
@@ -138,14 +152,14 @@ def gcs_bucket(gcs_emulator, monkeypatch):
     """A fresh bucket's gs:// URL, with the client environment pointed at the emulator."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.endpoint)
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)
-    yield f"gs://{_fresh_bucket(gcs_emulator)}"
+    yield gcs_emulator.new_bucket()
 
 
 @pytest.fixture
 def fault_proxy(gcs_emulator, monkeypatch):
     """A FaultProxy in front of the emulator (STORAGE_EMULATOR_HOST points at it); `.bucket_url` is a fresh bucket."""
     proxy = FaultProxy(gcs_emulator.endpoint).start()
-    proxy.bucket_url = f"gs://{_fresh_bucket(gcs_emulator)}"
+    proxy.bucket_url = gcs_emulator.new_bucket()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)
     try:
