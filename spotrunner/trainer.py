@@ -403,6 +403,9 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
                         effect="training continues from the same sample; weights will differ from a run "
                                "that kept one world size")
     progress = trainer.progress
+    if resumed_from is not None and progress.epoch >= cfg.epochs:
+        log.warning("run_already_past_epochs", epoch=progress.epoch, epochs=cfg.epochs,
+                    hint="completing with the weights trained so far; raise --epochs to train on")
     num_train = dataset.train_images.shape[0]
     per_epoch = data_module.steps_per_epoch(num_train, cfg.batch_size, dist_info.world_size)
     global_batch = cfg.batch_size * dist_info.world_size
