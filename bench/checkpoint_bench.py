@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench.common import Run, machine, summary  # noqa: E402
+from bench.common import Run, environment, machine, summary  # noqa: E402
 from tests.support.gcs import GCSEmulator, running_emulator  # noqa: E402
 
 RUN = ["--dataset", "synthetic", "--synthetic-size", "2000", "--batch-size", "32", "--metadata", "off",
@@ -221,21 +221,13 @@ def run(quick: bool = False) -> dict[str, Any]:
     # The in-process checkpoint manager logs every commit; stdout is for the JSON result only.
     configure("bench", log_format="json", level=logging.WARNING, stream=sys.stderr)
     started = time.monotonic()
-    saved_env = {key: os.environ.get(key) for key in ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
-    with running_emulator() as gcs:
-        os.environ.update(gcs.env())  # the in-process GCSStore reads it when it builds its client
-        try:
-            direct_trials, big_trials, e2e_trials = (3, 2, 2) if quick else (7, 5, 5)
-            cnn = measure_save_now(gcs, cnn_state(), direct_trials)
-            big = measure_save_now(gcs, big_state(100), big_trials)
-            end_to_end = measure_end_to_end(gcs, e2e_trials)
-            overhead = measure_overhead(gcs, quick)
-        finally:
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    # The in-process GCSStore reads the emulator's address when it builds its client.
+    with running_emulator() as gcs, environment(gcs.env()):
+        direct_trials, big_trials, e2e_trials = (3, 2, 2) if quick else (7, 5, 5)
+        cnn = measure_save_now(gcs, cnn_state(), direct_trials)
+        big = measure_save_now(gcs, big_state(100), big_trials)
+        end_to_end = measure_end_to_end(gcs, e2e_trials)
+        overhead = measure_overhead(gcs, quick)
     return {
         "benchmark": "checkpoint",
         "quick": quick,

@@ -128,6 +128,10 @@ class Run:
         self._reader.join(timeout=10)
         return self.returncode
 
+    def run_for(self, seconds: float) -> None:
+        """Let the run go on for `seconds` (less if it exits first)."""
+        self._waiter.join(timeout=seconds)
+
     def kill_group(self) -> None:
         """SIGKILL the whole process group (supervisor and trainer) and reap it."""
         try:
@@ -223,17 +227,23 @@ def gcs_emulator() -> Iterator[str]:
     """
     from tests.support.gcs import running_emulator
 
-    with running_emulator() as emulator:
-        saved = {key: os.environ.get(key) for key in emulator.env()}
-        os.environ.update(emulator.env())
-        try:
-            yield emulator.new_bucket()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with running_emulator() as emulator, environment(emulator.env()):
+        yield emulator.new_bucket()
+
+
+@contextmanager
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """os.environ with `variables` set for the duration; restored as it was afterwards."""
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # --- figures -----------------------------------------------------------------------------------

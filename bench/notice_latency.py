@@ -40,10 +40,7 @@ def trials(store: str, count: int, server: Any, run_id: str = "notice") -> dict[
             run = Run(args)
             runs.append(run)
             run.wait_event("training_started", timeout=120)
-            # Let it train (and the watcher settle into its long-poll) before the notice.
-            deadline = time.monotonic() + TRAIN_BEFORE_FLIP
-            while time.monotonic() < deadline and run.returncode is None:
-                time.sleep(0.05)
+            run.run_for(TRAIN_BEFORE_FLIP)  # let it train and the watcher settle into its long-poll
             flipped = time.monotonic()
             server.preempt()
             notice = run.wait_event("preemption_notice", timeout=30)

@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import tempfile
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,9 +29,7 @@ def _train_then_stop(args: list[str], seconds: float) -> Run:
         run = Run(args)
         runs.append(run)
         run.wait_event("training_started", timeout=120)
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and run.returncode is None:
-            time.sleep(0.05)
+        run.run_for(seconds)
         run.proc.send_signal(signal.SIGTERM)
         code = run.wait_exit(timeout=60)
         if code != 75:
