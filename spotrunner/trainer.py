@@ -15,7 +15,6 @@ commits and the others wait for the commit before exiting.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -74,15 +73,13 @@ class StopFlags:
         self._on_stop(signum, frame)
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL us when the supervisor dies, so a SIGKILLed run leaves no orphan."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
+def die_with_supervisor() -> None:
+    """Die with our parent: the supervisor, or torchrun (which itself dies with the supervisor)."""
+    from spotrunner.orphan_guard import die_with_parent
+
     expected = os.environ.get(PARENT_ENV)
-    if expected and os.getppid() != int(expected) and os.environ.get("LOCAL_RANK") is None:
+    parent = int(expected) if expected and os.environ.get("LOCAL_RANK") is None else os.getppid()
+    if not die_with_parent(parent):
         os._exit(exitcodes.FAILURE)  # the parent died before prctl took effect
 
 
@@ -538,7 +535,7 @@ def main() -> int:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     flags = StopFlags()
     flags.install()
-    die_with_parent()
+    die_with_supervisor()
     try:
         cfg = Config.from_json(os.environ[CONFIG_ENV])
     except KeyError:
