@@ -2,7 +2,7 @@
 
 Runs only when torch.cuda.is_available(). Builds spotrunner.trainer.Trainer directly (as
 train() does: Config, Dist, StatusReporter, StopFlags), puts the synthetic dataset on the GPU
-and runs train()'s step body: batch indices, gather, augment (crop+flip), normalise, forward
+and runs train()'s step body: batch indices, gather+crop+flip (one index op), normalise, forward
 under the trainer's autocast, backward, Adam step, and the per-step `float(loss)` train() does
 for its running loss (a device sync each step; the `no_sync` rows leave it out to show its
 cost). The snapshot stall is Trainer.snapshot_state() on the GPU model: the synchronous part of
@@ -31,7 +31,8 @@ def _parts(batch_size: int, amp: bool, channels_last: bool, size: int):
     trainer = Trainer(cfg, Dist(), StatusReporter(None, 0), StopFlags())
     dataset = data_module.load("synthetic", data_dir=cfg.data_dir, synthetic_size=size, seed=0).to(trainer.device)
     transform = data_module.BatchTransform(trainer.device, cfg.channels_last)
-    return cfg, trainer, dataset, transform
+    train_set = data_module.AugmentedTrainSet(dataset.train_images, dataset.train_labels)
+    return cfg, trainer, train_set, transform
 
 
 def measure(batch_size: int, amp: bool, channels_last: bool, steps: int, sync_each_step: bool = True,
@@ -41,13 +42,13 @@ def measure(batch_size: int, amp: bool, channels_last: bool, steps: int, sync_ea
 
     from spotrunner import data as data_module
 
-    cfg, trainer, dataset, transform = _parts(batch_size, amp, channels_last, size)
-    num = dataset.train_images.shape[0]
+    cfg, trainer, train_set, transform = _parts(batch_size, amp, channels_last, size)
+    num = len(train_set)
     per_epoch = data_module.steps_per_epoch(num, batch_size)
     order = data_module.epoch_order(num, cfg.seed, 0)
 
     def step(position: int) -> None:
-        loss = trainer.train_step(dataset, transform, order, 0, position % per_epoch)
+        loss = trainer.train_step(train_set, transform, order, 0, position % per_epoch)
         if sync_each_step:
             float(loss.detach())  # what the loop did per step before the loss stayed on the device
 

@@ -36,6 +36,9 @@ STATUS_SOCKET_ENV = "_SPOTRUNNER_STATUS_SOCKET"
 SESSION_ENV = "_SPOTRUNNER_SESSION_ID"
 PARENT_ENV = "_SPOTRUNNER_PARENT_PID"
 STOP_MARGIN = 1.5  # seconds of the stop deadline kept for exiting and the supervisor
+# Test images per forward pass in evaluation: on 2 CPU cores 512 beat 128, 1000 and 2560 by
+# 10-30 % (larger batches spill the caches).
+EVAL_BATCH = 512
 
 
 # --- signals ----------------------------------------------------------------------------
@@ -262,10 +265,10 @@ class Trainer:
         self.model.eval()
         total_loss, correct = 0.0, 0
         count = data.test_images.shape[0]
-        with torch.no_grad(), self.autocast():
-            for start in range(0, count, 1000):
-                images = transform.normalise(data.test_images[start:start + 1000])
-                labels = data.test_labels[start:start + 1000]
+        with torch.inference_mode(), self.autocast():
+            for start in range(0, count, EVAL_BATCH):
+                images = transform.normalise(data.test_images[start:start + EVAL_BATCH])
+                labels = data.test_labels[start:start + EVAL_BATCH]
                 logits = self.model(images)
                 total_loss += float(self.criterion(logits.float(), labels)) * labels.shape[0]
                 correct += int((logits.argmax(1) == labels).sum())
@@ -276,7 +279,7 @@ class Trainer:
         """Mean training loss of this epoch so far (one device sync)."""
         return float(self.loss_total) / max(1, self.progress.loss_count)
 
-    def train_step(self, dataset: Any, transform: Any, order: Any, epoch: int, position: int) -> Any:
+    def train_step(self, train_set: Any, transform: Any, order: Any, epoch: int, position: int) -> Any:
         """One optimisation step on this rank's share of global batch `position`; returns the loss."""
         from spotrunner import data as data_module
 
@@ -284,9 +287,10 @@ class Trainer:
         indices = data_module.batch_indices(order, position, cfg.batch_size, dist_info.rank,
                                             dist_info.world_size).to(self.device)
         gen = data_module.generator(cfg.seed, "augment", epoch, position, dist_info.rank)
-        inputs = transform.normalise(transform.augment(dataset.train_images[indices], gen))
+        images, labels = train_set.batch(indices, gen)
+        inputs = transform.normalise(images)
         with self.autocast():
-            loss = self.criterion(self.train_model(inputs).float(), dataset.train_labels[indices])
+            loss = self.criterion(self.train_model(inputs).float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -383,6 +387,7 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
     dataset = data_module.load(cfg.dataset, data_dir=cfg.data_dir, synthetic_size=cfg.synthetic_size,
                                seed=cfg.seed).to(trainer.device)
     transform = data_module.BatchTransform(trainer.device, cfg.channels_last and trainer.device.type == "cuda")
+    train_set = data_module.AugmentedTrainSet(dataset.train_images, dataset.train_labels)
 
     restored = manager.restore() if leader else None
     if dist_info.enabled:
@@ -437,7 +442,7 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
             if checkpoint_now and leader:
                 flags.checkpoint_now = False
                 manager.save(snapshot("preemption"))
-            loss = trainer.train_step(dataset, transform, order, progress.epoch, position)
+            loss = trainer.train_step(train_set, transform, order, progress.epoch, position)
             position += 1
             progress.step += 1
             progress.samples_in_epoch = min(num_train, position * global_batch)
@@ -465,13 +470,16 @@ def train(cfg: Config, session_id: str, flags: StopFlags, reporter: StatusReport
                                     f"{cfg.epochs} loss {mean_loss:.3f} {img_per_s:,.0f} img/s ETA {_format_eta(eta)}")
         if reason or lost_lease or manager.fenced:
             break
+        evaluation_started = time.monotonic()
         test_loss, test_accuracy = trainer.evaluate(dataset, transform)
+        evaluation_seconds = time.monotonic() - evaluation_started
         metrics = {"epoch": progress.epoch, "step": progress.step, "time": time.time(),
                    "train_loss": round(trainer.mean_loss(), 6),
                    "test_loss": round(test_loss, 6), "test_accuracy": round(test_accuracy, 6)}
         progress.metrics.append(metrics)
         clear_status_line()
-        log.info("epoch_completed", **{k: v for k, v in metrics.items() if k != "time"})
+        log.info("epoch_completed", **{k: v for k, v in metrics.items() if k != "time"},
+                 evaluation_seconds=round(evaluation_seconds, 3))
         reporter.send("metrics", **metrics)
         progress.epoch += 1
         progress.samples_in_epoch = 0

@@ -66,19 +66,39 @@ def test_ranks_split_each_global_batch_without_overlap():
 
 
 def test_augmentation_crops_and_flips_reproducibly():
-    transform = data.BatchTransform(torch.device("cpu"))
-    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(2, 3, 32, 32)
-    out1 = transform.augment(images, data.generator(0, "augment", 1, 2))
-    out2 = transform.augment(images, data.generator(0, "augment", 1, 2))
+    images = torch.arange(6 * 3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(6, 3, 32, 32)
+    train_set = data.AugmentedTrainSet(images, torch.arange(6) * 10)
+    indices = torch.tensor([4, 1, 1, 5])
+    out1, labels = train_set.batch(indices, data.generator(0, "augment", 1, 2))
+    out2, _ = train_set.batch(indices, data.generator(0, "augment", 1, 2))
     assert torch.equal(out1, out2)
-    assert out1.shape == images.shape and out1.dtype == torch.uint8
-    # Each output image is a padded shift of the input, possibly mirrored: find the shift.
+    assert out1.shape == (4, 3, 32, 32) and out1.dtype == torch.uint8
+    assert labels.tolist() == [40, 10, 10, 50]
+    # Each output image is a zero-padded shift of its own input, possibly mirrored: find it.
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
-    for i in range(2):
-        candidates = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
-        assert any(torch.equal(out1[i], c) or torch.equal(out1[i], c.flip(2)) for c in candidates)
-    varied = {transform.augment(images, data.generator(0, "augment", 1, k)).sum().item() for k in range(8)}
+    for out, index in zip(out1, indices.tolist()):
+        candidates = [padded[index, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out, c) or torch.equal(out, c.flip(2)) for c in candidates)
+    varied = {train_set.batch(indices, data.generator(0, "augment", 1, k))[0].sum().item() for k in range(8)}
     assert len(varied) > 1
+
+
+def test_augmentation_matches_pad_crop_flip_done_one_image_at_a_time():
+    """The one-op gather against the plain recipe: draw offsets and flips, pad, crop, mirror."""
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=data.generator(3, "images"))
+    train_set = data.AugmentedTrainSet(images, torch.zeros(5, dtype=torch.int64))
+    indices = torch.tensor([2, 0, 4, 4, 3, 1, 0, 2])
+    for position in range(6):
+        out, _ = train_set.batch(indices, data.generator(0, "augment", 0, position))
+        gen = data.generator(0, "augment", 0, position)
+        offsets = torch.randint(0, 9, (2, len(indices)), generator=gen)
+        flips = torch.rand(len(indices), generator=gen) < 0.5
+        for k, index in enumerate(indices.tolist()):
+            dy, dx = offsets[:, k].tolist()
+            expected = torch.nn.functional.pad(images[index], (4, 4, 4, 4))[:, dy:dy + 32, dx:dx + 32]
+            if flips[k]:
+                expected = expected.flip(2)
+            assert torch.equal(out[k], expected), (position, k)
 
 
 def test_normalise_uses_cifar_statistics():
