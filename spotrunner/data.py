@@ -154,20 +154,25 @@ def batch_indices(order: torch.Tensor, position: int, batch_size: int, rank: int
 class AugmentedTrainSet:
     """The training split, served as batches randomly cropped (after zero padding) and flipped.
 
-    The images are held zero-padded by PAD and also mirrored, as one [N, 2, 3, 40, 40] uint8
-    table (3.1x the images' memory: 480 MB for CIFAR-10), so that gathering a batch, cropping
-    and flipping it is a single indexing op into a window view of that table instead of five
-    passes over the batch. In the training loop on 2 CPU cores that took a batch's
-    preparation from about 1.9 to 1.3 ms of a 20 ms step; on a GPU it is one kernel.
+    The images are held zero-padded by PAD and also mirrored, as one [N, 2, C, H+2*PAD,
+    W+2*PAD] uint8 table (3.1x the images' memory: 480 MB for CIFAR-10). Viewed with every
+    byte of that table as the top-left corner of a C x H x W window, a batch's gather, crop
+    and flip are one index_select of a window start per sample. In the training loop on 2
+    CPU cores that took a batch of 128's preparation, normalisation included, from about 2 ms
+    (pad, crop and flip as separate passes) to about 1 ms of a 20 ms step: 0.2 ms more than
+    gathering and normalising without any augmentation. On a GPU it is one kernel.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        channels, height, width = images.shape[1:]
         padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
-        self.table = torch.stack([padded, padded.flip(3)], 1)
-        # Every 32x32 window of every padded image, either way round, as a view:
-        # [N, 2, 3, 2*PAD+1, 2*PAD+1, 32, 32].
-        size = images.shape[-1]
-        self.windows = self.table.unfold(3, size, 1).unfold(4, size, 1)
+        self.table = torch.stack([padded, padded.flip(3)], 1).contiguous()
+        self.row_bytes = width + 2 * PAD
+        plane_bytes = (height + 2 * PAD) * self.row_bytes
+        self.image_bytes = channels * plane_bytes
+        window_extent = (channels - 1) * plane_bytes + (height - 1) * self.row_bytes + width
+        self.windows = self.table.view(-1).as_strided(
+            (self.table.numel() - window_extent + 1, channels, height, width), (1, plane_bytes, self.row_bytes, 1))
         self.labels = labels
         self.device = images.device
 
@@ -183,7 +188,8 @@ class AugmentedTrainSet:
         # The window at column x of the mirrored image is the mirror of the window at 2*PAD - x.
         columns = torch.where(flipped, 2 * PAD - offsets[1], offsets[1])
         rows, columns, sides = torch.stack([offsets[0], columns, flipped.long()]).to(self.device)
-        return self.windows[indices, sides, :, rows, columns], self.labels[indices]
+        starts = (indices * 2 + sides) * self.image_bytes + rows * self.row_bytes + columns
+        return self.windows.index_select(0, starts), self.labels[indices]
 
 
 class BatchTransform:
