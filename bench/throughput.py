@@ -287,7 +287,7 @@ def breakdown(steps: int, size: int = 12800) -> dict[str, Any]:
     return {
         "steps": steps, "batch_size": cfg.batch_size, "step_ms": round(step_ms, 3),
         "img_per_s": round(cfg.batch_size / (step_ms / 1000), 1), "per_step_ms": per_step_ms,
-        "augmentation_share": round((per_step_ms["generator(seed,augment,...)"]
+        "gather_crop_flip_share": round((per_step_ms["generator(seed,augment,...)"]
                                      + per_step_ms["gather+crop+flip (one index op)"]) / step_ms, 3),
         "snapshot_ms": summary([1000 * s for s in snap]),
         "evaluation_seconds_per_epoch": round(eval_seconds, 3),
