@@ -16,6 +16,7 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -296,12 +297,6 @@ def breakdown(steps: int, size: int = 12800) -> dict[str, Any]:
     }
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def run(quick: bool = False) -> dict[str, Any]:
     """Throughput of the three loops, the ratios against the goals, and where a step's time goes.
 
@@ -328,9 +323,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                     bare_runs.append(bare_loop(bare_images))
                 else:
                     spotrunner_runs.append(spotrunner_run(size, epochs, interval, store))
-    bare = _median([b["img_per_s"] for b in bare_runs])
-    training = _median([s["img_per_s"] for s in spotrunner_runs])
-    end_to_end = _median([s["end_to_end_img_per_s"] for s in spotrunner_runs])
+    bare = statistics.median([b["img_per_s"] for b in bare_runs])
+    training = statistics.median([s["img_per_s"] for s in spotrunner_runs])
+    end_to_end = statistics.median([s["end_to_end_img_per_s"] for s in spotrunner_runs])
     per_round = [round(s["img_per_s"] / b["img_per_s"], 3) for b, s in zip(bare_runs, spotrunner_runs)]
     result: dict[str, Any] = {
         "data": "CIFAR-shaped synthetic (spotrunner.data.synthetic): the real CIFAR-10 cannot be downloaded here",
@@ -342,7 +337,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "ratio_vs_study": round(training / study["img_per_s"], 2),
         "ratio_vs_bare": round(training / bare, 3),
         "ratio_vs_bare_per_round": per_round,
-        "ratio_vs_bare_median_of_rounds": round(_median(per_round), 3),
+        "ratio_vs_bare_median_of_rounds": round(statistics.median(per_round), 3),
         "ratio_vs_bare_end_to_end": round(end_to_end / bare, 3),
         "goals": {"ratio_vs_study": ">= 10",
                   "ratio_vs_bare": ">= 0.95 (training img/s, periodic checkpoints on, medians of the rounds)"},
