@@ -127,8 +127,10 @@ class CheckpointManager:
             # The background persist is already writing this very state: let it finish.
             with self._cond:
                 self._cond.wait_for(lambda: self._in_flight is None, timeout=max(0.0, deadline - self.clock()))
-            if self.last_committed_step == snapshot.step:
-                return Committed(self._commit_record_for(snapshot.step), self.store.url)
+        if self.last_committed_step == snapshot.step:
+            # A stop right after a periodic commit: that checkpoint already holds this exact
+            # state, so spend none of the preemption window writing it again.
+            return self._already_committed(snapshot)
         data = codec.encode(snapshot.state)
         budget = deadline - self.clock() - (_SPILL_RESERVE if self.spill else 0.0)
         if budget > 0.5:
@@ -159,8 +161,20 @@ class CheckpointManager:
             self._closed = True
             self._cond.notify_all()
 
-    def _commit_record_for(self, step: int) -> dict[str, Any]:
-        return history.read_json(self.store, history.commit_key(step)) or {"step": step}
+    def _already_committed(self, snapshot: Snapshot) -> Committed:
+        """The commit of `snapshot.step` made earlier, reported as this save's commit.
+
+        The stored record keeps its own reason; the log event and the supervisor hear this
+        save's reason (a stop is a stop, even when it had nothing left to write), with
+        `committed_as` naming the record's.
+        """
+        record = history.read_json(self.store, history.commit_key(snapshot.step)) or {"step": snapshot.step}
+        seconds = round(self.clock() - snapshot.taken_at, 3)
+        log.info("checkpoint_committed", step=snapshot.step, reason=snapshot.reason, bytes=record.get("size"),
+                 seconds=seconds, store=self.store.url, committed_as=record.get("reason"))
+        self.on_commit(Committed({**record, "reason": snapshot.reason, "committed_as": record.get("reason"),
+                                  "persist_seconds": 0.0}, self.store.url))
+        return Committed(record, self.store.url)
 
     def _persist_loop(self) -> None:
         backoff = _BACKOFF_START
