@@ -172,6 +172,8 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
     _cfg, store = _open_for_reading(args)
     commits = history.read_commits(store)
+    for record in history.read_set_aside(store):
+        print(f"step {record.get('step')}: set aside as corrupt by a restore: {record.get('error')}")
     if not commits:
         print(f"no committed checkpoints under {store.url}")
         return exitcodes.OK

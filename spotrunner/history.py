@@ -5,6 +5,7 @@ Layout of a run under `<store>/<run-id>/` (keys of the Store protocol):
     lease.json                              the writer's lease (checkpoint/lease.py)
     checkpoints/<step:012d>-<nonce>.pt      checkpoint blob, immutable (torch.save, weights_only-safe)
     checkpoints/<step:012d>.commit.json     commit record, written last; a checkpoint counts only once it exists
+    checkpoints/<step:012d>.corrupt.json    a commit record set aside because its blob failed verification
     final.json                              completion record: the run is done
     sessions/<session-id>.json              one record per `spotrunner run` invocation, written by the supervisor
 
@@ -43,6 +44,7 @@ FINAL_KEY = "final.json"
 SESSIONS_PREFIX = "sessions/"
 CHECKPOINTS_PREFIX = "checkpoints/"
 COMMIT_SUFFIX = ".commit.json"
+SET_ASIDE_SUFFIX = ".corrupt.json"
 FORMAT = 1
 MAX_CHECKPOINT_ENTRIES = 1000
 MAX_THROUGHPUT_ENTRIES = 2000
@@ -54,6 +56,15 @@ def session_key(session_id: str) -> str:
 
 def commit_key(step: int) -> str:
     return f"{CHECKPOINTS_PREFIX}{step:012d}{COMMIT_SUFFIX}"
+
+
+def set_aside_key(step: int) -> str:
+    return f"{CHECKPOINTS_PREFIX}{step:012d}{SET_ASIDE_SUFFIX}"
+
+
+def key_step(key: str) -> int:
+    """The step a checkpoints/ key belongs to (blob, commit or set-aside record)."""
+    return int(key.rsplit("/", 1)[1][:12])
 
 
 def blob_key(step: int, nonce: str) -> str:
@@ -98,6 +109,12 @@ def read_commits(store: Store) -> list[dict[str, Any]]:
                 commits.append(record)
     commits.sort(key=lambda record: record.get("step", -1))
     return commits
+
+
+def read_set_aside(store: Store) -> list[dict[str, Any]]:
+    """Commit records set aside as corrupt by a restore (with `error`), oldest step first."""
+    records = [read_json(store, key) for key in store.list(CHECKPOINTS_PREFIX) if key.endswith(SET_ASIDE_SUFFIX)]
+    return sorted((r for r in records if r is not None), key=lambda record: record.get("step", -1))
 
 
 def read_final(store: Store) -> dict[str, Any] | None:

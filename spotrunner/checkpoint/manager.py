@@ -257,7 +257,7 @@ class CheckpointManager:
             if not commits:
                 return
             kept = commits[-self.keep:]
-            oldest_kept_step = int(kept[0].rsplit("/", 1)[1].split(".")[0])
+            oldest_kept_step = history.key_step(kept[0])
             kept_blobs = set()
             for key in kept:
                 record = history.read_json(store, key)
@@ -265,11 +265,13 @@ class CheckpointManager:
                     kept_blobs.add(record.get("blob"))
             for key in commits[:-self.keep]:
                 store.delete(key)
-            newest_step = int(kept[-1].rsplit("/", 1)[1].split(".")[0])
+            newest_step = history.key_step(kept[-1])
             for key in keys:
+                if key.endswith(history.SET_ASIDE_SUFFIX) and history.key_step(key) < oldest_kept_step:
+                    store.delete(key)
                 if not key.endswith(".pt") or key in kept_blobs:
                     continue
-                step = int(key.rsplit("/", 1)[1].split("-")[0])
+                step = history.key_step(key)
                 # Only blobs that can no longer be committed: older than the newest commit.
                 if step < newest_step or step < oldest_kept_step:
                     store.delete(key)
@@ -300,12 +302,33 @@ class CheckpointManager:
             except (CorruptCheckpoint, NotFound, KeyError, TypeError) as exc:
                 log.error("checkpoint_corrupt", step=record.get("step"), error=str(exc),
                           action="falling back to the previous checkpoint")
+                self._set_aside(store, record, str(exc))
                 continue
             if store is not self.store:
                 self._upload_spilled(record, data)
             self.last_committed_step = record["step"]
             return state, record
         return None
+
+    def _set_aside(self, store: Store, record: dict[str, Any], error: str) -> None:
+        """Move a corrupt checkpoint's commit record aside, so the replay can commit its step again.
+
+        Commits are create-only: left in place, the damaged record would turn the replay's
+        commit of that step into "already committed" and keep pointing at the bad blob (a
+        stop on that step would then resume from the step before it, again). The record is
+        kept as `<step>.corrupt.json` for inspection; retention removes it and the blob.
+        """
+        step = record.get("step")
+        if not isinstance(step, int):
+            return
+        if store is self.store:
+            self.check_fence()
+        try:
+            store.put(history.set_aside_key(step), history.encode({**record, "error": error, "set_aside_at": time.time()}))
+            store.delete(history.commit_key(step))
+        except StoreError as exc:
+            log.warning("checkpoint_set_aside_failed", step=step, error=str(exc),
+                        effect="the replay cannot commit this step again; the next one commits normally")
 
     def _upload_spilled(self, record: dict[str, Any], data: bytes) -> None:
         """Commit a spilled checkpoint to the store so the bucket is the durable home again."""
