@@ -64,7 +64,8 @@ def set_aside_key(step: int) -> str:
 
 def key_step(key: str) -> int:
     """The step a checkpoints/ key belongs to (blob, commit or set-aside record)."""
-    return int(key.rsplit("/", 1)[1][:12])
+    name = key.rsplit("/", 1)[-1]
+    return int(name.split("-", 1)[0].split(".", 1)[0])  # steps past 12 digits stay whole
 
 
 def blob_key(step: int, nonce: str) -> str:
