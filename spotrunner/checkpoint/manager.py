@@ -89,13 +89,18 @@ class CheckpointManager:
         self.clock = clock
         self.last_save_at = clock()
         self.fenced: FencedError | None = None
-        self.last_committed_step: int | None = None
+        # The newest commit record in the primary store, as this manager wrote or restored it.
+        self.last_commit: dict[str, Any] | None = None
         self._pending: Snapshot | None = None
         self._in_flight: Snapshot | None = None
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._persist_loop, name="checkpoint-persist", daemon=True)
         self._thread.start()
+
+    @property
+    def last_committed_step(self) -> int | None:
+        return None if self.last_commit is None else int(self.last_commit["step"])
 
     # --- deciding -----------------------------------------------------------------
 
@@ -127,10 +132,11 @@ class CheckpointManager:
             # The background persist is already writing this very state: let it finish.
             with self._cond:
                 self._cond.wait_for(lambda: self._in_flight is None, timeout=max(0.0, deadline - self.clock()))
-        if self.last_committed_step == snapshot.step:
+        last = self.last_commit
+        if last is not None and last["step"] == snapshot.step:
             # A stop right after a periodic commit: that checkpoint already holds this exact
             # state, so spend none of the preemption window writing it again.
-            return self._already_committed(snapshot)
+            return self._already_committed(snapshot, last)
         data = codec.encode(snapshot.state)
         budget = deadline - self.clock() - (_SPILL_RESERVE if self.spill else 0.0)
         if budget > 0.5:
@@ -161,14 +167,13 @@ class CheckpointManager:
             self._closed = True
             self._cond.notify_all()
 
-    def _already_committed(self, snapshot: Snapshot) -> Committed:
-        """The commit of `snapshot.step` made earlier, reported as this save's commit.
+    def _already_committed(self, snapshot: Snapshot, record: dict[str, Any]) -> Committed:
+        """`record`, the commit of `snapshot.step` made earlier, reported as this save's commit.
 
         The stored record keeps its own reason; the log event and the supervisor hear this
         save's reason (a stop is a stop, even when it had nothing left to write), with
         `committed_as` naming the record's.
         """
-        record = history.read_json(self.store, history.commit_key(snapshot.step)) or {"step": snapshot.step}
         seconds = round(self.clock() - snapshot.taken_at, 3)
         log.info("checkpoint_committed", step=snapshot.step, reason=snapshot.reason, bytes=record.get("size"),
                  seconds=seconds, store=self.store.url, committed_as=record.get("reason"))
@@ -244,7 +249,7 @@ class CheckpointManager:
         log.info("checkpoint_committed", step=snapshot.step, reason=snapshot.reason, bytes=len(data),
                  seconds=round(seconds, 3), store=store.url)
         if store is self.store:
-            self.last_committed_step = snapshot.step
+            self.last_commit = record
             self._apply_retention(store)
         self.on_commit(committed)
         return committed
@@ -306,7 +311,7 @@ class CheckpointManager:
                 continue
             if store is not self.store:
                 self._upload_spilled(record, data)
-            self.last_committed_step = record["step"]
+            self.last_commit = record
             return state, record
         return None
 
